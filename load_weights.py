@@ -1,0 +1,117 @@
+"""Hugging Face checkpoint folder (config.json + safetensors) -> model, without ever unpickling anything."""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+import qwen3
+from moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+HEADS = {"ForCausalLM": qwen3.Qwen3ForCausalLM, "ForSequenceClassification": qwen3.Qwen3ForSequenceClassification,
+         "ForTokenClassification": qwen3.Qwen3ForTokenClassification,
+         "ForQuestionAnswering": qwen3.Qwen3ForQuestionAnswering}
+# config.json's architectures[0] -> (config class, model class)
+ARCHITECTURES = {f"Qwen3{head}": (qwen3.Qwen3Config, cls) for head, cls in HEADS.items()}
+ARCHITECTURES |= {f"Qwen3Moe{head}": (Qwen3MoeConfig, cls) for head, cls in HEADS.items()}
+ARCHITECTURES["Qwen3MoeForCausalLM"] = (Qwen3MoeConfig, Qwen3MoeForCausalLM)
+RENAMES = {"transformer.": "model."}  # question-answering checkpoints keep their backbone under "transformer."
+
+
+def build_model(config: qwen3.Qwen3Config):
+    """The causal LM for a config, dense or MoE; works under torch.device("meta")."""
+    return (Qwen3MoeForCausalLM if isinstance(config, Qwen3MoeConfig) else qwen3.Qwen3ForCausalLM)(config)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
+        for name in names:
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{folder / name}: shard named in {index.name} is missing")
+        return [folder / name for name in names]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    if pickles:
+        raise ValueError(f"{folder} holds only pickled weights ({', '.join(sorted(pickles))}); they are not loaded "
+                         "because unpickling can run arbitrary code. Convert them once with transformers: "
+                         "AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)")
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still take, or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
+    except (OSError, StopIteration):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+
+
+def check_fits(needed: int, device, dtype_name: str):
+    free = free_memory(torch.device(device))
+    if free is not None and needed > free:
+        raise ValueError(f"the weights need {needed / 2**30:.2f} GiB in {dtype_name} but {device} has only "
+                          f"{free / 2**30:.2f} GiB free; pick a smaller model or dtype (e.g. bfloat16)")
+
+
+def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
+    """Load a checkpoint folder into the model its config.json names, in eval mode. dtype=None keeps the file's."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder / 'config.json'}: missing; a checkpoint folder needs its config.json")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+        arch = (raw.get("architectures") or ["(none)"])[0]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"{folder / 'config.json'}: not a valid config.json ({e!r})") from None
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{folder / 'config.json'}: architecture {arch!r} is not Qwen3; "
+                         f"expected one of {', '.join(ARCHITECTURES)}")
+    config_class, model_class = ARCHITECTURES[arch]
+    files = weight_files(folder)
+    try:
+        config = config_class.from_hf(raw)
+        with torch.device("meta"):
+            model = model_class(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{folder / 'config.json'}: invalid value ({e!r})") from None
+    expected = model.state_dict()
+    numel = sum(p.numel() for p in model.parameters())
+    needed = numel * dtype.itemsize if dtype else sum(f.stat().st_size for f in files)
+    check_fits(needed, device, str(dtype or "the checkpoint's dtype").replace("torch.", ""))
+
+    state = {}
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():
+                    name = next((new + key[len(old):] for old, new in RENAMES.items() if key.startswith(old)), key)
+                    if name in expected and tuple(f.get_slice(key).get_shape()) != expected[name].shape:
+                        raise ValueError(f"{file.name}: tensor {key} has shape {tuple(f.get_slice(key).get_shape())}"
+                                         f", the config asks for {tuple(expected[name].shape)}")
+                    tensor = f.get_tensor(key)
+                    state[name] = tensor.to(dtype=dtype or tensor.dtype, device=device)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
+    if "lm_head.weight" in expected and config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{folder}: the weights do not match {arch}: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()

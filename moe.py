@@ -1,0 +1,100 @@
+"""Qwen3-MoE: the same decoder as qwen3.py, with sparse mixture-of-experts blocks in place of MLPs.
+
+Shape letters as in qwen3.py, plus: E experts, K experts chosen per token, M = B*T tokens.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3 import MLP, Qwen3Config, Qwen3ForCausalLM
+
+
+@dataclass
+class Qwen3MoeConfig(Qwen3Config):
+    hidden_size: int = 2048
+    intermediate_size: int = 6144  # of the dense MLP in layers that are not sparse
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    num_experts: int = 128
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768  # of each expert
+    decoder_sparse_step: int = 1  # every n-th layer is sparse
+    mlp_only_layers: list[int] = field(default_factory=list)  # these layers stay dense
+    norm_topk_prob: bool = False  # renormalise the K chosen probabilities to sum to 1
+    router_aux_loss_coef: float = 0.001
+
+    @classmethod
+    def from_name(cls, name: str):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown MoE preset {name!r}; expected one of {', '.join(cls.PRESETS)}")
+        hidden, inter, expert_inter, layers, heads = cls.PRESETS[name]
+        return cls(hidden_size=hidden, intermediate_size=inter, moe_intermediate_size=expert_inter,
+                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=4, head_dim=128,
+                   max_position_embeddings=40960, rope_theta=1e6, max_window_layers=layers, norm_topk_prob=True)
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        return self.use_sliding_window  # the reference slides in every MoE layer; max_window_layers is unused
+
+    def make_mlp(self, layer_idx: int) -> nn.Module:
+        if layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0:
+            return SparseMoE(self)
+        return super().make_mlp(layer_idx)
+
+
+# preset: (hidden_size, intermediate_size, moe_intermediate_size, num_hidden_layers, num_attention_heads)
+Qwen3MoeConfig.PRESETS = {"30B-A3B": (2048, 6144, 768, 48, 32), "235B-A22B": (4096, 12288, 1536, 94, 64)}
+
+
+class SparseMoE(nn.Module):
+    """A router picks K of E SwiGLU experts per token; the output is their weighted sum."""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
+                                     for _ in range(config.num_experts))
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.router_logits = None  # of the last call, for output_router_logits and routing statistics
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.view(-1, C)  # [M, C]
+        self.router_logits = self.gate(x)  # [M, E]
+        probs = F.softmax(self.router_logits, dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [M, K]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():  # only the experts some token was routed to do any work
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        return out.view(B, T, C)
+
+
+class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
+    def forward(self, input_ids, cache=None, pos=0, last_only=False, output_router_logits=False):
+        """-> logits, or (logits, router logits [M, E] of each sparse layer) with output_router_logits."""
+        logits = super().forward(input_ids, cache, pos, last_only)
+        if not output_router_logits:
+            return logits
+        return logits, [layer.mlp.router_logits for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None):
+    """Switch-Transformer auxiliary loss, as transformers computes it: E * sum_e (share of picks of e) * (mean
+    probability of e), pooled over all sparse layers; tokens where attention_mask [B, T] is 0 do not count."""
+    picks = torch.zeros(num_experts)
+    probs = torch.zeros(num_experts)
+    rows = 0.0
+    for logits in router_logits:  # [M, E] per layer
+        p = F.softmax(logits.cpu(), dim=-1).float()
+        keep = torch.ones(len(p)) if attention_mask is None else attention_mask.reshape(-1).float().cpu()  # [M]
+        chosen = p.topk(top_k, dim=-1).indices  # [M, K]
+        picks += torch.zeros(num_experts).scatter_add_(0, chosen.reshape(-1), keep.repeat_interleave(top_k))
+        probs += (p * keep[:, None]).sum(0)
+        rows += keep.sum()
+    return num_experts * torch.sum((picks / rows) * (probs / rows))
