@@ -59,7 +59,8 @@ class Qwen3Config:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 nests rope_theta here
         d.setdefault("rope_theta", rope.get("rope_theta"))
         kind = rope.get("rope_type", rope.get("type", "default"))
-        d["rope_scaling"] = {**rope, "rope_type": kind} if kind != "default" else None
+        scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")}
+        d["rope_scaling"] = {**scaling, "rope_type": kind} if kind != "default" else None
         d.setdefault("num_experts", d.get("num_local_experts"))
         if d.get("id2label"):
             d["num_labels"] = len(d["id2label"])
