@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen3 import MLP, Qwen3Config, Qwen3ForCausalLM
+from qwen3 import MLP, Linear, Qwen3Config, Qwen3ForCausalLM
 
 
 @dataclass
@@ -53,7 +53,7 @@ class SparseMoE(nn.Module):
 
     def __init__(self, config: Qwen3MoeConfig):
         super().__init__()
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob

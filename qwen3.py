@@ -82,6 +82,19 @@ Qwen3Config.PRESETS = {
 }
 
 
+class Linear(nn.Linear):
+    """nn.Linear with a faster path for one float32 token on the CPU. There PyTorch multiplies a matrix by a vector
+    on a single core; cutting the weight into row blocks makes it a batched product that uses every core."""
+
+    def forward(self, x):
+        N, blocks = self.out_features, 8
+        if x.numel() != self.in_features or x.dtype != torch.float32 or x.device.type != "cpu" or N % blocks:
+            return super().forward(x)
+        w = self.weight.reshape(blocks, N // blocks, -1)  # [blocks, N/blocks, in]
+        y = (x.reshape(1, 1, -1) @ w.transpose(1, 2)).reshape(*x.shape[:-1], N)  # [blocks, 1, N/blocks] -> [..., N]
+        return y if self.bias is None else y + self.bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -89,10 +102,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in float32 so bf16 activations keep their precision, then scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # x / sqrt(mean(x**2) + eps) in float32, so bf16 activations keep their precision; scaled in the input dtype
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_frequencies(config: Qwen3Config) -> tuple[torch.Tensor, float]:
@@ -124,12 +135,13 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for max_len positions: [B, N, max_len, D] each."""
+    """Keys and values of every layer, preallocated for max_len positions: [B, N, max_len, D] each, in float32
+    whatever the weights, since attention runs in float32 (see Attention)."""
 
-    def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, dtype, device):
+    def __init__(self, config: Qwen3Config, batch_size: int, max_len: int, device="cpu"):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.k = [torch.empty(shape, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.empty(shape, device=device) for _ in range(config.num_hidden_layers)]
 
     def update(self, layer_idx: int, k, v, pos: int):
         """Store k, v [B, N, T, D] at positions pos.. and return all keys and values so far [B, N, S, D]."""
@@ -143,10 +155,10 @@ class Attention(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
         C, H, N, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(C, H * D, bias=config.attention_bias)
-        self.k_proj = nn.Linear(C, N * D, bias=config.attention_bias)
-        self.v_proj = nn.Linear(C, N * D, bias=config.attention_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=config.attention_bias)
+        self.q_proj = Linear(C, H * D, bias=config.attention_bias)
+        self.k_proj = Linear(C, N * D, bias=config.attention_bias)
+        self.v_proj = Linear(C, N * D, bias=config.attention_bias)
+        self.o_proj = Linear(H * D, C, bias=config.attention_bias)
         # QK-norm: one RMSNorm over head_dim, shared by all heads, keeps attention logits bounded.
         self.q_norm = RMSNorm(D, config.rms_norm_eps)
         self.k_norm = RMSNorm(D, config.rms_norm_eps)
@@ -157,11 +169,13 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, N, T, D]
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, N, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Attention runs in float32, like the reference's fused kernels do inside (and bf16 attention on the CPU is
+        # several times slower); the values of q, k and v are those of the model's dtype.
+        q, k, v = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float(), v.float()
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, pos)  # [B, N, S, D]
         # enable_gqa: each group of H/N query heads shares one key/value head, without copying k and v.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).to(x.dtype)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, C]
 
 
@@ -170,9 +184,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -213,6 +227,7 @@ class Qwen3Model(nn.Module):
         keys = torch.arange(pos + input_ids.shape[1], device=x.device)  # [S]
         full = keys <= positions[:, None]  # [T, S] causal: each token sees itself and the past
         sliding = full & (keys > positions[:, None] - self.window)
+        full = None if len(positions) == 1 else full  # one new token sees every key: no mask is faster
         for layer in self.layers:
             x = layer(x, cos, sin, sliding if layer.sliding else full, cache, pos)
         return self.norm(x)
@@ -225,7 +240,7 @@ class TaskModel(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3Model(config)
-        setattr(self, head, nn.Linear(config.hidden_size, out_features, bias=bias))
+        setattr(self, head, Linear(config.hidden_size, out_features, bias=bias))
 
 
 class Qwen3ForCausalLM(TaskModel):

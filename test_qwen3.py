@@ -248,7 +248,7 @@ def test_cached_decoding_equals_full_forward(name, config):
     model = random_model(config)
     ids = torch.randint(0, config.vocab_size, (2, 14))  # longer than the sliding windows above
     full = model(ids)
-    cache = qwen3.KVCache(config, 2, 14, torch.float32, "cpu")
+    cache = qwen3.KVCache(config, 2, 14)
     steps = [model(ids[:, :5], cache, 0)] + [model(ids[:, t:t + 1], cache, t) for t in range(5, 14)]
     close(torch.cat(steps, 1).detach(), full.detach(), 1e-5)
 
