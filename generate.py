@@ -14,6 +14,7 @@ import torch
 from load_weights import build_model, check_fits, load_model
 from moe import Qwen3MoeConfig, SparseMoE
 from qwen3 import KVCache, Qwen3Config
+from tokenizer import Qwen3Tokenizer
 
 
 def apply_top_k(logits, k: int):
@@ -55,33 +56,32 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
             return
         # One token makes every matmul a matrix-vector product, which PyTorch's own bf16/fp16 kernels do about
         # twice as fast as oneDNN's on the CPU (prefill keeps oneDNN: it wins on matrices).
-        torch.backends.mkldnn.enabled = False
+        mkldnn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
         try:
             logits = model(torch.tensor([[token]], device=weight.device), cache, pos, last_only=True)
         finally:
-            torch.backends.mkldnn.enabled = True
+            torch.backends.mkldnn.enabled = mkldnn
         pos += 1
 
 
 class Routing:
-    """Counts how often each expert of each sparse layer was chosen (read after every forward pass)."""
+    """Counts how often each expert of each sparse layer was chosen; record() after every forward pass."""
 
     def __init__(self, model):
-        self.layers = [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoE)]
-        self.counts = {i: torch.zeros(len(moe.experts), dtype=torch.long) for i, moe in self.layers}
+        self.layers = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoE)}
+        self.counts = {i: torch.zeros(len(moe.experts), dtype=torch.long) for i, moe in self.layers.items()}
 
     def record(self):
-        for i, moe in self.layers:
+        for i, moe in self.layers.items():
             chosen = moe.router_logits.topk(moe.top_k, dim=-1).indices.flatten().cpu()
             self.counts[i] += torch.bincount(chosen, minlength=len(self.counts[i]))
 
     def __str__(self):
-        bars = " ▁▂▃▄▅▆▇█"
-        lines = ["expert choices per sparse layer (one column per expert, █ = most chosen):"]
+        bars, lines = " ▁▂▃▄▅▆▇█", ["expert choices per sparse layer (a column per expert, █ = most chosen):"]
         for i, c in self.counts.items():
-            scaled = (c * (len(bars) - 1) + c.max() - 1) // c.max().clamp(min=1)  # ceil, so used experts show
+            level = (c * 8 + c.max() - 1) // c.max().clamp(min=1)  # rounded up, so every chosen expert shows
             top = ", ".join(f"e{e}×{int(c[e])}" for e in c.argsort(descending=True)[:3])
-            lines.append(f"layer {i:>3} {''.join(bars[int(s)] for s in scaled)}  top: {top}")
+            lines.append(f"layer {i:>3} {''.join(bars[int(v)] for v in level)}  top: {top}")
         return "\n".join(lines)
 
 
@@ -90,39 +90,39 @@ def fail(message: str):
     sys.exit(2)
 
 
-def number(kind, low=None, high=None, low_open=False):
-    """An argparse type: kind within [low, high] ((low, high] with low_open), with a message naming the bounds."""
+def checked(kind, ok, expected: str):
+    """An argparse type: text -> kind, refused unless ok(value)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
         return value
     return parse
 
 
 def parse_args(argv):
+    count = checked(int, lambda v: v > 0, "a whole number above 0")
     p = argparse.ArgumentParser(description="Run Qwen3 on a prompt, or chat when no prompt is given.")
     p.add_argument("prompt", nargs="?", help="the prompt; without it, an interactive chat that ends at EOF")
     p.add_argument("--model", default="Qwen/Qwen3-0.6B", help="checkpoint folder, hub repo id, or (--benchmark) "
                    "a preset such as 8B or 30B-A3B")
-    p.add_argument("--max-new-tokens", type=number(int, 1), default=None, help="default 2048 (64 in --benchmark)")
-    p.add_argument("--temperature", type=number(float, 0), help="0 = greedy; default: generation_config.json")
-    p.add_argument("--top-k", type=number(int, 1))
-    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True))
+    p.add_argument("--max-new-tokens", type=count, help="default 2048 (64 with --benchmark)")
+    p.add_argument("--temperature", type=checked(float, lambda v: v >= 0, "a number >= 0"), help="0 = greedy")
+    p.add_argument("--top-k", type=count)
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"))
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
     p.add_argument("--no-think", action="store_true", help="switch thinking off")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps; default: the best available")
     p.add_argument("--routing", action="store_true", help="MoE: print which experts were chosen")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster decode)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, maybe faster)")
     p.add_argument("--benchmark", action="store_true", help="time prefill and decode of random tokens")
-    p.add_argument("--prompt-tokens", type=number(int, 1), default=512, help="--benchmark prompt length")
-    p.add_argument("--layers", type=number(int, 1), help="--benchmark on a preset: keep only this many layers")
+    p.add_argument("--prompt-tokens", type=count, default=512, help="prompt length with --benchmark")
+    p.add_argument("--layers", type=count, help="--benchmark of a preset: keep only this many layers")
     p.error = fail  # one line and exit status 2 instead of usage text
     return p.parse_args(argv)
 
@@ -131,17 +131,16 @@ def pick_device(name):
     if name is None:
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        device = torch.device(name)
-        torch.empty(0, device=device)
+        torch.empty(0, device=name)
     except (RuntimeError, AssertionError) as e:
         fail(f"--device {name}: not usable here ({str(e).splitlines()[0]})")
-    return device
+    return torch.device(name)
 
 
 def checkpoint_folder(name: str) -> Path:
     """A local folder as is; otherwise a hub repo id, fetched once into the standard Hugging Face cache."""
-    if Path(name).is_dir():
-        return Path(name)
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         fail(f"--model {name}: no such folder (expected a checkpoint folder or a hub repo id like Qwen/Qwen3-0.6B)")
     from huggingface_hub import snapshot_download
@@ -160,7 +159,7 @@ def random_model(name: str, layers, dtype, device):
         numel = sum(p.numel() for p in build_model(config).parameters())
     check_fits(numel * dtype.itemsize, device, str(dtype).replace("torch.", ""))
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build directly in dtype: no float32 copy inflates peak memory
+    torch.set_default_dtype(dtype)  # built directly in dtype: no float32 copy inflates the peak memory
     try:
         with torch.device(device):
             return build_model(config).eval()
@@ -168,100 +167,88 @@ def random_model(name: str, layers, dtype, device):
         torch.set_default_dtype(default)
 
 
-def peak_memory_gib(device) -> float:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
-
-
-def run(model, ids, args, max_new_tokens, stop_ids=(), decoder=None, routing=None) -> list[int]:
-    """Generate from ids, streaming text through decoder, and print one stats line to stderr."""
-    start, first, new = time.perf_counter(), None, []
+def run(model, ids, args, max_new_tokens, stop_ids=(), print_text=None, routing=None) -> list[int]:
+    """Generate from ids, streaming text through print_text, then one stats line to stderr."""
+    start, first, new, interrupted = time.perf_counter(), None, [], False
     try:
-        for token in generate(model, ids, max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              stop_ids, args.seed):
-            first = first or time.perf_counter()
-            new.append(token)
+        for token in generate(model, ids, max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids,
+                              args.seed):
+            first, new = first or time.perf_counter(), new + [token]
             if routing:
                 routing.record()
-            if decoder:
-                print(decoder(token), end="", flush=True)
+            if print_text:
+                print(print_text(token), end="", flush=True)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
-        args.interrupted = True
+        interrupted = True
     end = time.perf_counter()
-    if decoder:
-        print(decoder(None), flush=True)
+    if print_text:
+        print(print_text(None), flush=True)
     first = first or end
+    device = model.lm_head.weight.device
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in kB on Linux
     print(f"prompt {len(ids)} tokens, {len(new)} new tokens, prefill {len(ids) / (first - start):.1f} tok/s, "
-          f"decode {max(len(new) - 1, 0) / max(end - first, 1e-9):.1f} tok/s, "
-          f"peak memory {peak_memory_gib(model.lm_head.weight.device):.2f} GiB", file=sys.stderr)
-    if args.interrupted:
+          f"decode {max(len(new) - 1, 0) / max(end - first, 1e-9):.1f} tok/s, peak memory {peak / 2**30:.2f} GiB",
+          file=sys.stderr)
+    if interrupted:
         sys.exit(130)
     return new
 
 
 def main(argv=None):
     args = parse_args(argv)
-    args.interrupted = False
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        if args.benchmark and Path(args.model).name in Qwen3Config.PRESETS | Qwen3MoeConfig.PRESETS:
+        if args.benchmark and args.model in Qwen3Config.PRESETS | Qwen3MoeConfig.PRESETS:
             model = random_model(args.model, args.layers, dtype or torch.bfloat16, device)
         else:
             folder = checkpoint_folder(args.model)
             model = load_model(folder, dtype, device)
-            if not args.benchmark:
-                from tokenizer import Qwen3Tokenizer
-                tokenizer, generation = Qwen3Tokenizer(folder), {}
-                if (folder / "generation_config.json").exists():
-                    generation = json.loads((folder / "generation_config.json").read_text())
+            tokenizer = None if args.benchmark else Qwen3Tokenizer(folder)
+            config_file = folder / "generation_config.json"
+            generation = json.loads(config_file.read_text()) if config_file.exists() else {}
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    if not isinstance(model.config, Qwen3Config) or not hasattr(model, "lm_head"):
-        fail(f"--model {args.model}: a causal LM is needed, not {type(model).__name__}")
+    if not hasattr(model, "lm_head"):
+        fail(f"--model {args.model}: generation needs a causal LM, not {type(model).__name__}")
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     context = model.config.max_position_embeddings
     if args.benchmark:
-        max_new_tokens = args.max_new_tokens or 64
-        args.temperature, args.top_k, args.top_p, args.seed = 0.0, None, None, None
+        args.temperature = 0.0
         ids = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
-        if len(ids) + max_new_tokens > context:
-            fail(f"--prompt-tokens {len(ids)} + --max-new-tokens exceed the context of {context} tokens")
-        run(model, ids, args, max_new_tokens)
+        if args.prompt_tokens + (args.max_new_tokens or 64) > context:
+            fail(f"--prompt-tokens and --max-new-tokens add up to more than the context ({context} tokens)")
+        run(model, ids, args, args.max_new_tokens or 64)
         return
-
-    sampling = generation.get("do_sample", True)
-    for flag, key in (("temperature", "temperature"), ("top_k", "top_k"), ("top_p", "top_p")):
+    # Unset sampling flags take the checkpoint's defaults; without do_sample it is greedy, as in transformers.
+    defaults = {"temperature": generation.get("temperature", 1.0), "top_k": generation.get("top_k"),
+                "top_p": generation.get("top_p")} if generation.get("do_sample") else {"temperature": 0.0}
+    for flag, value in defaults.items():
         if getattr(args, flag) is None:
-            setattr(args, flag, generation.get(key) if sampling else None)
-    args.temperature = args.temperature or 0.0
+            setattr(args, flag, value)
     eos = generation.get("eos_token_id") or []
     stop_ids = set(tokenizer.stop_ids) | set(eos if isinstance(eos, list) else [eos])
     routing = Routing(model) if args.routing else None
-    if args.routing and not routing.layers:
+    if routing and not routing.layers:
         fail(f"--routing: {args.model} has no MoE layers")
     messages = []
-    while True:
-        text = args.prompt
-        if text is None:
+    while True:  # one turn with a prompt; an interactive chat without
+        if args.prompt is None:
             print("> ", end="", file=sys.stderr, flush=True)
             text = sys.stdin.readline()
             if not text:
                 break
-            text = text.rstrip("\n")
-        if args.no_chat:
-            prompt = text
-        else:
-            messages.append({"role": "user", "content": text})
-            prompt = tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think)
-        ids = tokenizer.encode(prompt)
+        text = args.prompt if args.prompt is not None else text.rstrip("\n")
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.encode(text if args.no_chat else
+                               tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think))
         if len(ids) >= context:
             fail(f"the prompt has {len(ids)} tokens; the model's context is {context}")
-        max_new_tokens = min(args.max_new_tokens or 2048, context - len(ids))
-        new = run(model, ids, args, max_new_tokens, stop_ids, tokenizer.stream(skip_special_tokens=True), routing)
+        new = run(model, ids, args, min(args.max_new_tokens or 2048, context - len(ids)), stop_ids,
+                  tokenizer.stream(skip_special_tokens=True), routing)
+        # The template drops the thinking of earlier turns itself, so the whole answer is kept.
         messages.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
         if args.prompt is not None:
             break

@@ -1,6 +1,5 @@
 """Hugging Face checkpoint folder (config.json + safetensors) -> model, without ever unpickling anything."""
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -49,14 +48,11 @@ def free_memory(device: torch.device) -> int | None:
     """Bytes the device can still take, or None when unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
+    try:  # Linux; MemAvailable counts the page cache that can be dropped, unlike "free" memory
         meminfo = Path("/proc/meminfo").read_text()
         return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
     except (OSError, StopIteration):
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            return None
+        return None
 
 
 def check_fits(needed: int, device, dtype_name: str):
@@ -113,5 +109,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
     if missing or unexpected:
         raise ValueError(f"{folder}: the weights do not match {arch}: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)  # assign: the loaded tensors become the parameters
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # assign gave the head its own Parameter; share one again
     return model.to(device).eval()

@@ -246,7 +246,11 @@ class TaskModel(nn.Module):
 class Qwen3ForCausalLM(TaskModel):
     def __init__(self, config: Qwen3Config):
         super().__init__(config, "lm_head", config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Small models reuse the embedding matrix as the LM head (checkpoints then store it once)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, cache: KVCache | None = None, pos: int = 0, last_only: bool = False):

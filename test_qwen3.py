@@ -432,7 +432,7 @@ def test_tied_checkpoint_has_no_lm_head_and_stays_tied(transformers, tmp_path):
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys()
     model = load_weights.load_model(tmp_path, dtype=torch.float16)
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.lm_head.weight.dtype == torch.float16
 
 
@@ -530,6 +530,32 @@ def test_too_large_for_memory_is_refused_before_loading(good_checkpoint, monkeyp
     monkeypatch.setattr(load_weights, "safe_open", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ValueError, match=r"need 0\.\d+ GiB in float32 .* only 0\.00 GiB"):
         load_weights.load_model(folder, dtype=torch.float32)
+
+
+MEMORY_PROBE = """
+import resource, sys, torch, load_weights
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = load_weights.load_model(sys.argv[1])
+with torch.inference_mode():
+    model(torch.arange(16)[None])
+added = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(added / weights, model.lm_head.weight.dtype)
+"""
+
+
+def test_loading_adds_little_memory(tmp_path):
+    """A bf16 checkpoint of Qwen3-0.6B's size: loading and a first forward pass add <= 1.3x the weights' size."""
+    config = qwen3.Qwen3Config.from_name("0.6B")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in load_weights.build_model(config).state_dict().items()}
+    from safetensors.torch import save_file
+    save_file({k: torch.full(s, 0.01, dtype=torch.bfloat16) for k, s in shapes.items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**asdict(config), "architectures": ["Qwen3ForCausalLM"]}))
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], cwd=HERE, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert float(out[0]) <= 1.3 and out[1] == "torch.bfloat16"
 
 
 def test_free_memory_is_a_real_number():
