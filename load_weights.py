@@ -83,7 +83,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
         config = config_class.from_hf(raw)
         with torch.device("meta"):
             model = model_class(config)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{folder / 'config.json'}: invalid value ({e!r})") from None
     expected = model.state_dict()
     numel = sum(p.numel() for p in model.parameters())

@@ -212,15 +212,15 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        inv_freq, self.rope_factor = rope_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # A plain tensor, not a buffer: model.to(torch.bfloat16) must not round the frequencies.
+        self.inv_freq, self.rope_factor = rope_frequencies(config)
         self.window = config.sliding_window
 
     def forward(self, input_ids, cache: KVCache | None = None, pos: int = 0):
         """input_ids [B, T] at positions pos.. (pos > 0 needs the cache of the earlier ones) -> [B, T, C]."""
         x = self.embed_tokens(input_ids)  # [B, T, C]
         positions = torch.arange(pos, pos + input_ids.shape[1], device=x.device)  # [T]
-        angles = positions[:, None].float() * self.inv_freq  # [T, D/2]
+        angles = positions[:, None].float() * self.inv_freq.to(x.device)  # [T, D/2]
         angles = torch.cat((angles, angles), dim=-1)  # [T, D]
         cos = (angles.cos() * self.rope_factor).to(x.dtype)
         sin = (angles.sin() * self.rope_factor).to(x.dtype)

@@ -474,6 +474,12 @@ def broken(folder, state, case):
     if case == "bad config value":
         config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_size": "wide"}))
         return folder, "config.json"
+    if case == "negative size":
+        config.write_text(json.dumps({**json.loads(config.read_text()), "intermediate_size": -4}))
+        return folder, "config.json"
+    if case == "config is a list":
+        config.write_text("[1, 2]")
+        return folder, "config.json"
     (folder / "model.safetensors").unlink()
     if case == "no weights":
         return folder, "model.safetensors"
@@ -506,6 +512,7 @@ def broken(folder, state, case):
 
 
 @pytest.mark.parametrize("case", ["missing folder", "missing config", "invalid config", "not qwen3", "bad config value",
+                                  "negative size", "config is a list",
                                   "no weights", "pickles only", "truncated", "garbage", "wrong shape",
                                   "missing tensor", "unexpected tensor", "missing shard"])
 def test_broken_checkpoints_are_refused_with_a_message(good_checkpoint, case):
@@ -609,6 +616,11 @@ def test_fixture_tokenizer_merges_added_tokens_and_nfc(fixture_tokenizer):
     assert t.encode("<|im_end") == list(b"<|im_end")  # a near miss is plain text
     assert t.encode("e\u0301") == list("é".encode())  # NFC composes e + combining acute
     assert (t.eos_token_id, t.pad_token_id, t.stop_ids) == (263, 261, (263, 261))
+
+
+def test_tokenizer_needs_its_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        Qwen3Tokenizer(tmp_path)
 
 
 def test_fixture_tokenizer_decodes(fixture_tokenizer):
