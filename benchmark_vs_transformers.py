@@ -75,7 +75,8 @@ def main():
         prefill = args.prompt_tokens / statistics.median(r[0] for r in runs)
         decode_ms = 1000 * statistics.median(r[1] for r in runs)
         summary[name] = (prefill, decode_ms)
-        print(f"{name:>13}: prefill {prefill:8.1f} tok/s   decode {decode_ms:6.1f} ms/token ({1000 / decode_ms:.1f} tok/s)")
+        print(f"{name:>13}: prefill {prefill:8.1f} tok/s   decode {decode_ms:6.1f} ms/token "
+              f"({1000 / decode_ms:.1f} tok/s)")
     if len(summary) == 2:
         (p1, d1), (p2, d2) = summary["ours"], summary["transformers"]
         print(f"{'ours / theirs':>13}: prefill {p1 / p2:.2f}x   decode {d2 / d1:.2f}x")

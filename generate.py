@@ -257,4 +257,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # at the chat prompt or while loading; during generation run() handles it
+        sys.exit(130)

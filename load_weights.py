@@ -96,9 +96,10 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
             with safe_open(file, "pt") as f:
                 for key in f.keys():
                     name = next((new + key[len(old):] for old, new in RENAMES.items() if key.startswith(old)), key)
-                    if name in expected and tuple(f.get_slice(key).get_shape()) != expected[name].shape:
-                        raise ValueError(f"{file.name}: tensor {key} has shape {tuple(f.get_slice(key).get_shape())}"
-                                         f", the config asks for {tuple(expected[name].shape)}")
+                    shape = tuple(f.get_slice(key).get_shape())  # read from the header, before any data
+                    if name in expected and shape != expected[name].shape:
+                        raise ValueError(f"{file.name}: tensor {key} has shape {shape}, the config asks for "
+                                         f"{tuple(expected[name].shape)}")
                     tensor = f.get_tensor(key)
                     state[name] = tensor.to(dtype=dtype or tensor.dtype, device=device)
         except SafetensorError as e:

@@ -72,7 +72,7 @@ class SparseMoE(nn.Module):
         for e in chosen.unique().tolist():  # only the experts some token was routed to do any work
             token, slot = (chosen == e).nonzero(as_tuple=True)
             out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
-        return out.view(B, T, C)
+        return out.view(B, T, C)  # [M, C] -> [B, T, C]
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
@@ -94,7 +94,7 @@ def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_m
         p = F.softmax(logits.cpu(), dim=-1).float()
         keep = torch.ones(len(p)) if attention_mask is None else attention_mask.reshape(-1).float().cpu()  # [M]
         chosen = p.topk(top_k, dim=-1).indices  # [M, K]
-        picks += torch.zeros(num_experts).scatter_add_(0, chosen.reshape(-1), keep.repeat_interleave(top_k))
+        picks.scatter_add_(0, chosen.reshape(-1), keep.repeat_interleave(top_k))  # each pick counts its token
         probs += (p * keep[:, None]).sum(0)
         rows += keep.sum()
     return num_experts * torch.sum((picks / rows) * (probs / rows))

@@ -130,7 +130,7 @@ def rope_frequencies(config: Qwen3Config) -> tuple[torch.Tensor, float]:
 
 def apply_rope(x, cos, sin):
     """Rotate pairs (i, i + D/2) of x [B, H, T, D] by the angles whose cos/sin are [T, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # [B, H, T, D/2] each
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 

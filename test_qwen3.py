@@ -174,7 +174,8 @@ MOE_CASES = {
 
 
 def all_cases():
-    return [(n, tiny_dense(**kw)) for n, kw in DENSE_CASES.items()] + [(n, tiny_moe(**kw)) for n, kw in MOE_CASES.items()]
+    return ([(n, tiny_dense(**kw)) for n, kw in DENSE_CASES.items()]
+            + [(n, tiny_moe(**kw)) for n, kw in MOE_CASES.items()])
 
 
 # ---------------------------------------------------------------- each layer against its NumPy twin
@@ -209,7 +210,8 @@ def test_attention_matches_numpy(name, config):
         T = torch.arange(11)
         mask = (T[None] <= T[:, None]) & ((T[None] > T[:, None] - config.sliding_window) if layer.sliding else True)
         out = layer.self_attn(x, c, s, mask, None, 0)
-        close(out[0].detach(), np_attention(numpy_params(layer.self_attn), config, x[0].double().numpy(), layer.sliding))
+        ref = np_attention(numpy_params(layer.self_attn), config, x[0].double().numpy(), layer.sliding)
+        close(out[0].detach(), ref)
 
 
 def rope_tables(model, T):
@@ -728,9 +730,10 @@ def test_sampling_functions():
     p = logits.softmax(-1)  # [0.087, 0.644, 0.237, 0.032]
     assert torch.isinf(generate.apply_top_p(logits, 0.6)).tolist() == [True, False, True, True]
     assert torch.isinf(generate.apply_top_p(logits, float(p[1] + p[2]) + 0.01)).tolist() == [False, False, False, True]
-    g = lambda s: [generate.sample(logits, 1.0, None, None, torch.Generator().manual_seed(s)) for _ in range(1)]  # noqa
     draws = [generate.sample(logits, 5.0, 3, 0.99, torch.Generator().manual_seed(s)) for s in range(200)]
-    assert set(draws) == {0, 1, 2} and g(7) == g(7)
+    assert set(draws) == {0, 1, 2}  # top-k 3 drops token 3; a high temperature reaches all the others
+    again = [generate.sample(logits, 5.0, 3, 0.99, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert draws == again
 
 
 def greedy_case(transformers, tmp_path, config, arch, prompt_len, new):
