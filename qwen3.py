@@ -308,6 +308,10 @@ if __name__ == "__main__":
     import moe  # a script may look up the MoE presets; as a library this file imports nothing of ours
 
     name = sys.argv[1] if len(sys.argv) > 1 else "0.6B"
+    presets = Qwen3Config.PRESETS | moe.Qwen3MoeConfig.PRESETS
+    if name not in presets:
+        print(f"error: unknown preset {name!r}; expected one of {', '.join(presets)}", file=sys.stderr)
+        sys.exit(2)
     config = moe.Qwen3MoeConfig.from_name(name) if name in moe.Qwen3MoeConfig.PRESETS else Qwen3Config.from_name(name)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
