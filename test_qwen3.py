@@ -851,6 +851,21 @@ def test_cli_ctrl_c_prints_stats_and_exits_130(cli_checkpoint, capsys, monkeypat
     assert e.value.code == 130 and "1 new tokens" in capsys.readouterr().err
 
 
+def test_cli_real_ctrl_c(tmp_path):
+    """SIGINT in the middle of a long generation: the text so far, the stats line, exit status 130."""
+    import signal
+    config = tiny_dense(vocab_size=272, max_position_embeddings=8192, num_hidden_layers=1)
+    save_hf(config, "Qwen3ForCausalLM", tmp_path)
+    write_fixture_tokenizer(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(HERE / "generate.py"), "hello", "--model", str(tmp_path),
+                             "--no-chat", "--temperature", "1", "--seed", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.read(1)  # generation has started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and first and "new tokens" in err and "Traceback" not in err
+
+
 def test_benchmark_on_a_preset_slice(capsys):
     generate.main(["--benchmark", "--model", "0.6B", "--layers", "1", "--prompt-tokens", "8",
                    "--max-new-tokens", "3"])
