@@ -54,13 +54,7 @@ def generate(model, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_
         yield token
         if token in stop_ids or step == max_new_tokens - 1:
             return
-        # One token makes every matmul a matrix-vector product, which PyTorch's own bf16/fp16 kernels do about
-        # twice as fast as oneDNN's on the CPU (prefill keeps oneDNN: it wins on matrices).
-        mkldnn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
-        try:
-            logits = model(torch.tensor([[token]], device=weight.device), cache, pos, last_only=True)
-        finally:
-            torch.backends.mkldnn.enabled = mkldnn
+        logits = model(torch.tensor([[token]], device=weight.device), cache, pos, last_only=True)
         pos += 1
 
 
@@ -69,7 +63,7 @@ class Routing:
 
     def __init__(self, model):
         self.layers = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoE)}
-        self.counts = {i: torch.zeros(len(moe.experts), dtype=torch.long) for i, moe in self.layers.items()}
+        self.counts = {i: torch.zeros(moe.num_experts, dtype=torch.long) for i, moe in self.layers.items()}
 
     def record(self):
         for i, moe in self.layers.items():

@@ -62,6 +62,31 @@ def check_fits(needed: int, device, dtype_name: str):
                           f"{free / 2**30:.2f} GiB free; pick a smaller model or dtype (e.g. bfloat16)")
 
 
+def on_disk(expected: dict) -> dict:
+    """The keys and shapes a checkpoint holds for a model's state dict: the same, except that moe.Experts' stacked
+    matrices are stored one expert at a time, gate and up apart."""
+    disk = {}
+    for name, t in expected.items():
+        prefix, stacked = name.rsplit(".", 1)
+        if not prefix.endswith(".experts"):
+            disk[name] = tuple(t.shape)
+            continue
+        E, rows, cols = t.shape
+        parts = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
+        disk |= {f"{prefix}.{e}.{part}.weight": (rows // len(parts), cols) for e in range(E) for part in parts}
+    return disk
+
+
+def stack_experts(state: dict, expected: dict):
+    """Replace the experts' one-by-one tensors in state by the stacked matrices moe.Experts holds."""
+    for name, t in expected.items():
+        prefix, stacked = name.rsplit(".", 1)
+        if prefix.endswith(".experts"):
+            parts = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
+            state[name] = torch.stack([torch.cat([state.pop(f"{prefix}.{e}.{part}.weight") for part in parts])
+                                       for e in range(t.shape[0])])
+
+
 def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
     """Load a checkpoint folder into the model its config.json names, in eval mode. dtype=None keeps the file's."""
     folder = Path(path)
@@ -86,6 +111,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{folder / 'config.json'}: invalid value ({e!r})") from None
     expected = model.state_dict()
+    disk = on_disk(expected)
     numel = sum(p.numel() for p in model.parameters())
     needed = numel * dtype.itemsize if dtype else sum(f.stat().st_size for f in files)
     check_fits(needed, device, str(dtype or "the checkpoint's dtype").replace("torch.", ""))
@@ -97,19 +123,20 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
                 for key in f.keys():
                     name = next((new + key[len(old):] for old, new in RENAMES.items() if key.startswith(old)), key)
                     shape = tuple(f.get_slice(key).get_shape())  # read from the header, before any data
-                    if name in expected and shape != expected[name].shape:
+                    if name in disk and shape != disk[name]:
                         raise ValueError(f"{file.name}: tensor {key} has shape {shape}, the config asks for "
-                                         f"{tuple(expected[name].shape)}")
+                                         f"{disk[name]}")
                     tensor = f.get_tensor(key)
                     state[name] = tensor.to(dtype=dtype or tensor.dtype, device=device)
         except SafetensorError as e:
             raise ValueError(f"{file}: truncated or corrupt safetensors file ({e})") from None
     if "lm_head.weight" in expected and config.tie_word_embeddings and "model.embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    missing, unexpected = sorted(disk.keys() - state.keys()), sorted(state.keys() - disk.keys())
     if missing or unexpected:
         raise ValueError(f"{folder}: the weights do not match {arch}: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+    stack_experts(state, expected)
     model.load_state_dict(state, strict=True, assign=True)  # assign: the loaded tensors become the parameters
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # assign gave the head its own Parameter; share one again

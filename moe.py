@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen3 import MLP, Linear, Qwen3Config, Qwen3ForCausalLM
+from qwen3 import Linear, Qwen3Config, Qwen3ForCausalLM, linear
 
 
 @dataclass
@@ -48,15 +48,31 @@ class Qwen3MoeConfig(Qwen3Config):
 Qwen3MoeConfig.PRESETS = {"30B-A3B": (2048, 6144, 768, 48, 32), "235B-A22B": (4096, 12288, 1536, 94, 64)}
 
 
+class Experts(nn.Module):
+    """E SwiGLU MLPs, stacked as transformers keeps them in memory: gate and up side by side in one matrix per
+    expert, so an expert costs two matrix products. (Checkpoints store them one by one; load_weights stacks them.)"""
+
+    def __init__(self, config: Qwen3MoeConfig):
+        super().__init__()
+        E, C, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, C).normal_(0, 0.02))
+        self.down_proj = nn.Parameter(torch.empty(E, C, I).normal_(0, 0.02))
+
+    def forward(self, x, e: int):
+        """x [n, C], the tokens routed to expert e -> [n, C]."""
+        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        return linear(F.silu(gate) * up, self.down_proj[e])
+
+
 class SparseMoE(nn.Module):
     """A router picks K of E SwiGLU experts per token; the output is their weighted sum."""
 
     def __init__(self, config: Qwen3MoeConfig):
         super().__init__()
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
-                                     for _ in range(config.num_experts))
-        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.experts = Experts(config)
+        self.num_experts, self.top_k, self.norm_topk_prob = (config.num_experts, config.num_experts_per_tok,
+                                                              config.norm_topk_prob)
         self.router_logits = None  # of the last call, for output_router_logits and routing statistics
 
     def forward(self, x):
@@ -67,12 +83,17 @@ class SparseMoE(nn.Module):
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [M, K]
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():  # only the experts some token was routed to do any work
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
-        return out.view(B, T, C)  # [M, C] -> [B, T, C]
+        # Sort the M*K (token, expert) pairs by expert, so each expert takes its tokens as one contiguous slice.
+        order = chosen.flatten().argsort(stable=True)  # [M*K]
+        token = order // self.top_k  # [M*K] the token of each pair
+        counts = chosen.flatten().bincount(minlength=self.num_experts).tolist()  # [E] tokens per expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):  # only the experts some token was routed to do any work
+            if n:
+                outs.append(self.experts(x[token[start:start + n]], e))  # [n, C]
+            start += n
+        weighted = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)  # [M*K, C]
+        return torch.zeros_like(x).index_add_(0, token, weighted).view(B, T, C)  # sum per token -> [B, T, C]
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):

@@ -93,11 +93,15 @@ def np_moe(p, c, x):
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.zeros_like(x)
+    I = c.moe_intermediate_size
     for t in range(len(x)):
         top = np.argsort(-probs[t])[:c.num_experts_per_tok]
         w = probs[t, top] / (probs[t, top].sum() if c.norm_topk_prob else 1.0)
         for e, we in zip(top, w):
-            out[t] += we * np_mlp(sub(p, f"experts.{e}"), x[t:t + 1])[0]
+            gate_up = p["experts.gate_up_proj"][e]  # [2I, C]: gate rows, then up rows
+            expert = {"gate_proj.weight": gate_up[:I], "up_proj.weight": gate_up[I:],
+                      "down_proj.weight": p["experts.down_proj"][e]}
+            out[t] += we * np_mlp(expert, x[t:t + 1])[0]
     return out, logits
 
 
@@ -259,10 +263,9 @@ def test_decode_computes_only_routed_experts():
     c = tiny_moe(num_experts=16, num_experts_per_tok=2)
     model = random_model(c)
     called = []
-    for e, expert in enumerate(model.model.layers[0].mlp.experts):
-        expert.register_forward_hook(lambda m, i, o, e=e: called.append(e))
+    model.model.layers[0].mlp.experts.register_forward_hook(lambda module, args, out: called.append(args[1]))
     model(torch.tensor([[3]]))
-    assert len(called) == 2
+    assert len(called) == 2 and len(set(called)) == 2
 
 
 # ---------------------------------------------------------------- configs and presets
@@ -426,6 +429,19 @@ def test_sharded_checkpoints_load(transformers, tmp_path, dtype):
         close(ours(ids), hf(ids).logits)
         if dtype == torch.bfloat16:
             close(kept(ids).float(), hf(ids).logits, 0.1)
+
+
+def test_moe_checkpoint_missing_or_misshapen_expert(transformers, tmp_path):
+    save_hf(tiny_moe(), "Qwen3MoeForCausalLM", tmp_path)
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.2.mlp.experts.5.up_proj.weight"
+    save_file({k: v for k, v in state.items() if k != key}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_weights.load_model(tmp_path)
+    save_file({**state, key: state[key][:-1]}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape \(23, 48\), the config asks for \(24, 48\)"):
+        load_weights.load_model(tmp_path)
 
 
 def test_tied_checkpoint_has_no_lm_head_and_stays_tied(transformers, tmp_path):
