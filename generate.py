@@ -67,8 +67,8 @@ class Routing:
 
     def record(self):
         for i, moe in self.layers.items():
-            chosen = moe.router_logits.topk(moe.top_k, dim=-1).indices.flatten().cpu()
-            self.counts[i] += torch.bincount(chosen, minlength=len(self.counts[i]))
+            chosen = moe.router_logits.topk(moe.top_k, dim=-1).indices.flatten().cpu()  # [M*K]
+            self.counts[i] += torch.bincount(chosen, minlength=moe.num_experts)
 
     def __str__(self):
         bars, lines = " ▁▂▃▄▅▆▇█", ["expert choices per sparse layer (a column per expert, █ = most chosen):"]
@@ -88,12 +88,11 @@ def checked(kind, ok, expected: str):
     """An argparse type: text -> kind, refused unless ok(value)."""
     def parse(text):
         try:
-            value = kind(text)
+            if ok(value := kind(text)):
+                return value
         except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
     return parse
 
 
@@ -122,8 +121,7 @@ def parse_args(argv):
 
 
 def pick_device(name):
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    name = name or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     try:
         torch.empty(0, device=name)
     except (RuntimeError, AssertionError) as e:
@@ -154,11 +152,10 @@ def random_model(name: str, layers, dtype, device):
     check_fits(numel * dtype.itemsize, device, str(dtype).replace("torch.", ""))
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built directly in dtype: no float32 copy inflates the peak memory
-    try:
-        with torch.device(device):
-            return build_model(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device(device):
+        model = build_model(config).eval()
+    torch.set_default_dtype(default)
+    return model
 
 
 def run(model, ids, args, max_new_tokens, stop_ids=(), print_text=None, routing=None) -> list[int]:
@@ -177,8 +174,7 @@ def run(model, ids, args, max_new_tokens, stop_ids=(), print_text=None, routing=
     end = time.perf_counter()
     if print_text:
         print(print_text(None), flush=True)
-    first = first or end
-    device = model.lm_head.weight.device
+    first, device = first or end, model.lm_head.weight.device
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in kB on Linux
     print(f"prompt {len(ids)} tokens, {len(new)} new tokens, prefill {len(ids) / (first - start):.1f} tok/s, "
@@ -187,6 +183,15 @@ def run(model, ids, args, max_new_tokens, stop_ids=(), print_text=None, routing=
     if interrupted:
         sys.exit(130)
     return new
+
+
+def typed_lines():
+    """Lines typed after a "> " prompt (on stderr, so stdout stays the model's text), until EOF."""
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        if not (line := sys.stdin.readline()):
+            return
+        yield line.rstrip("\n")
 
 
 def main(argv=None):
@@ -212,29 +217,20 @@ def main(argv=None):
     if args.benchmark:
         args.temperature = 0.0
         ids = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,)).tolist()
-        if args.prompt_tokens + (args.max_new_tokens or 64) > context:
-            fail(f"--prompt-tokens and --max-new-tokens add up to more than the context ({context} tokens)")
         run(model, ids, args, args.max_new_tokens or 64)
         return
     # Unset sampling flags take the checkpoint's defaults; without do_sample it is greedy, as in transformers.
-    defaults = {"temperature": generation.get("temperature", 1.0), "top_k": generation.get("top_k"),
-                "top_p": generation.get("top_p")} if generation.get("do_sample") else {"temperature": 0.0}
-    for flag, value in defaults.items():
+    defaults = generation if generation.get("do_sample") else {"temperature": 0.0}
+    for flag in ("temperature", "top_k", "top_p"):
         if getattr(args, flag) is None:
-            setattr(args, flag, value)
+            setattr(args, flag, defaults.get(flag, 1.0 if flag == "temperature" else None))
     eos = generation.get("eos_token_id") or []
     stop_ids = set(tokenizer.stop_ids) | set(eos if isinstance(eos, list) else [eos])
     routing = Routing(model) if args.routing else None
     if routing and not routing.layers:
         fail(f"--routing: {args.model} has no MoE layers")
     messages = []
-    while True:  # one turn with a prompt; an interactive chat without
-        if args.prompt is None:
-            print("> ", end="", file=sys.stderr, flush=True)
-            text = sys.stdin.readline()
-            if not text:
-                break
-        text = args.prompt if args.prompt is not None else text.rstrip("\n")
+    for text in [args.prompt] if args.prompt is not None else typed_lines():
         messages.append({"role": "user", "content": text})
         ids = tokenizer.encode(text if args.no_chat else
                                tokenizer.apply_chat_template(messages, enable_thinking=not args.no_think))
@@ -244,8 +240,6 @@ def main(argv=None):
                   tokenizer.stream(skip_special_tokens=True), routing)
         # The template drops the thinking of earlier turns itself, so the whole answer is kept.
         messages.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
-        if args.prompt is not None:
-            break
     if routing:
         print(routing, file=sys.stderr)
 

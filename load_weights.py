@@ -11,9 +11,9 @@ from moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 HEADS = {"ForCausalLM": qwen3.Qwen3ForCausalLM, "ForSequenceClassification": qwen3.Qwen3ForSequenceClassification,
          "ForTokenClassification": qwen3.Qwen3ForTokenClassification,
          "ForQuestionAnswering": qwen3.Qwen3ForQuestionAnswering}
-# config.json's architectures[0] -> (config class, model class)
-ARCHITECTURES = {f"Qwen3{head}": (qwen3.Qwen3Config, cls) for head, cls in HEADS.items()}
-ARCHITECTURES |= {f"Qwen3Moe{head}": (Qwen3MoeConfig, cls) for head, cls in HEADS.items()}
+# config.json's architectures[0] -> (config class, model class); MoE heads sit on the same classes
+ARCHITECTURES = {f"Qwen3{moe}{head}": (Qwen3MoeConfig if moe else qwen3.Qwen3Config, cls)
+                 for moe in ("", "Moe") for head, cls in HEADS.items()}
 ARCHITECTURES["Qwen3MoeForCausalLM"] = (Qwen3MoeConfig, Qwen3MoeForCausalLM)
 RENAMES = {"transformer.": "model."}  # question-answering checkpoints keep their backbone under "transformer."
 
@@ -30,9 +30,8 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
-        for name in names:
-            if not (folder / name).exists():
-                raise FileNotFoundError(f"{folder / name}: shard named in {index.name} is missing")
+        if missing := [name for name in names if not (folder / name).exists()]:
+            raise FileNotFoundError(f"{folder / missing[0]}: shard named in {index.name} is missing")
         return [folder / name for name in names]
     if (folder / "model.safetensors").exists():
         return [folder / "model.safetensors"]
@@ -62,29 +61,22 @@ def check_fits(needed: int, device, dtype_name: str):
                           f"{free / 2**30:.2f} GiB free; pick a smaller model or dtype (e.g. bfloat16)")
 
 
-def on_disk(expected: dict) -> dict:
-    """The keys and shapes a checkpoint holds for a model's state dict: the same, except that moe.Experts' stacked
-    matrices are stored one expert at a time, gate and up apart."""
-    disk = {}
+def stacked_experts(expected: dict):
+    """For each matrix of moe.Experts: its name, its prefix, the number of experts and the checkpoint tensors that
+    stand side by side in it (checkpoints store experts one by one, gate and up apart)."""
     for name, t in expected.items():
-        prefix, stacked = name.rsplit(".", 1)
-        if not prefix.endswith(".experts"):
-            disk[name] = tuple(t.shape)
-            continue
-        E, rows, cols = t.shape
-        parts = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
+        prefix, kind = name.rsplit(".", 1)
+        if prefix.endswith(".experts"):
+            yield name, prefix, t.shape[0], ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+
+
+def on_disk(expected: dict) -> dict:
+    """Key -> shape of what a checkpoint holds for a model's state dict."""
+    disk = {name: tuple(t.shape) for name, t in expected.items()}
+    for name, prefix, E, parts in stacked_experts(expected):
+        rows, cols = disk.pop(name)[1:]
         disk |= {f"{prefix}.{e}.{part}.weight": (rows // len(parts), cols) for e in range(E) for part in parts}
     return disk
-
-
-def stack_experts(state: dict, expected: dict):
-    """Replace the experts' one-by-one tensors in state by the stacked matrices moe.Experts holds."""
-    for name, t in expected.items():
-        prefix, stacked = name.rsplit(".", 1)
-        if prefix.endswith(".experts"):
-            parts = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
-            state[name] = torch.stack([torch.cat([state.pop(f"{prefix}.{e}.{part}.weight") for part in parts])
-                                       for e in range(t.shape[0])])
 
 
 def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
@@ -92,11 +84,11 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder / 'config.json'}: missing; a checkpoint folder needs its config.json")
     try:
         raw = json.loads((folder / "config.json").read_text())
         arch = (raw.get("architectures") or ["(none)"])[0]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder / 'config.json'}: missing; a checkpoint folder needs its config.json") from None
     except (ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"{folder / 'config.json'}: not a valid config.json ({e!r})") from None
     if arch not in ARCHITECTURES:
@@ -112,8 +104,8 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
         raise ValueError(f"{folder / 'config.json'}: invalid value ({e!r})") from None
     expected = model.state_dict()
     disk = on_disk(expected)
-    numel = sum(p.numel() for p in model.parameters())
-    needed = numel * dtype.itemsize if dtype else sum(f.stat().st_size for f in files)
+    needed = (sum(p.numel() for p in model.parameters()) * dtype.itemsize if dtype
+              else sum(f.stat().st_size for f in files))
     check_fits(needed, device, str(dtype or "the checkpoint's dtype").replace("torch.", ""))
 
     state = {}
@@ -136,7 +128,9 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu"):
     if missing or unexpected:
         raise ValueError(f"{folder}: the weights do not match {arch}: missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
-    stack_experts(state, expected)
+    for name, prefix, E, parts in stacked_experts(expected):
+        state[name] = torch.stack([torch.cat([state.pop(f"{prefix}.{e}.{part}.weight") for part in parts])
+                                   for e in range(E)])
     model.load_state_dict(state, strict=True, assign=True)  # assign: the loaded tensors become the parameters
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # assign gave the head its own Parameter; share one again

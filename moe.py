@@ -71,8 +71,8 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)  # the router
         self.experts = Experts(config)
-        self.num_experts, self.top_k, self.norm_topk_prob = (config.num_experts, config.num_experts_per_tok,
-                                                              config.norm_topk_prob)
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
         self.router_logits = None  # of the last call, for output_router_logits and routing statistics
 
     def forward(self, x):
@@ -100,17 +100,14 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def forward(self, input_ids, cache=None, pos=0, last_only=False, output_router_logits=False):
         """-> logits, or (logits, router logits [M, E] of each sparse layer) with output_router_logits."""
         logits = super().forward(input_ids, cache, pos, last_only)
-        if not output_router_logits:
-            return logits
-        return logits, [layer.mlp.router_logits for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+        routers = [layer.mlp.router_logits for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+        return (logits, routers) if output_router_logits else logits
 
 
 def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None):
     """Switch-Transformer auxiliary loss, as transformers computes it: E * sum_e (share of picks of e) * (mean
     probability of e), pooled over all sparse layers; tokens where attention_mask [B, T] is 0 do not count."""
-    picks = torch.zeros(num_experts)
-    probs = torch.zeros(num_experts)
-    rows = 0.0
+    picks, probs, rows = torch.zeros(num_experts), torch.zeros(num_experts), 0.0
     for logits in router_logits:  # [M, E] per layer
         p = F.softmax(logits.cpu(), dim=-1).float()
         keep = torch.ones(len(p)) if attention_mask is None else attention_mask.reshape(-1).float().cpu()  # [M]

@@ -50,11 +50,7 @@ class Qwen3Config:
     def from_hf(cls, source):
         """Read a Hugging Face config.json (a path, a folder or a dict), in the hub or transformers-5 format."""
         if not isinstance(source, dict):
-            path = Path(source) / "config.json" if Path(source).is_dir() else Path(source)
-            try:
-                source = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path}: cannot read a JSON config ({e})") from None
+            source = json.loads((Path(source) / "config.json" if Path(source).is_dir() else Path(source)).read_text())
         d = dict(source)
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}  # transformers 5 nests rope_theta here
         d.setdefault("rope_theta", rope.get("rope_theta"))
@@ -62,8 +58,7 @@ class Qwen3Config:
         scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")}
         d["rope_scaling"] = {**scaling, "rope_type": kind} if kind != "default" else None
         d.setdefault("num_experts", d.get("num_local_experts"))
-        if d.get("id2label"):
-            d["num_labels"] = len(d["id2label"])
+        d["num_labels"] = len(d.get("id2label") or {}) or d.get("num_labels")  # heads save their labels
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known and (v is not None or k == "rope_scaling")})
 
@@ -94,10 +89,9 @@ def linear(x, weight, bias=None):
         return y if bias is None else y + bias
     if x.device.type == "cpu" and x.numel() == K:
         mkldnn, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False
-        try:
-            return F.linear(x, weight, bias)
-        finally:
-            torch.backends.mkldnn.enabled = mkldnn
+        y = F.linear(x, weight, bias)
+        torch.backends.mkldnn.enabled = mkldnn
+        return y
     return F.linear(x, weight, bias)
 
 
@@ -233,8 +227,7 @@ class Qwen3Model(nn.Module):
         positions = torch.arange(pos, pos + input_ids.shape[1], device=x.device)  # [T]
         angles = positions[:, None].float() * self.inv_freq.to(x.device)  # [T, D/2]
         angles = torch.cat((angles, angles), dim=-1)  # [T, D]
-        cos = (angles.cos() * self.rope_factor).to(x.dtype)
-        sin = (angles.sin() * self.rope_factor).to(x.dtype)
+        cos, sin = (angles.cos() * self.rope_factor).to(x.dtype), (angles.sin() * self.rope_factor).to(x.dtype)
         keys = torch.arange(pos + input_ids.shape[1], device=x.device)  # [S]
         full = keys <= positions[:, None]  # [T, S] causal: each token sees itself and the past
         sliding = full & (keys > positions[:, None] - self.window)
@@ -297,20 +290,7 @@ class Qwen3ForQuestionAnswering(TaskModel):
         super().__init__(config, "qa_outputs", 2, bias=True)
 
     def forward(self, input_ids):
-        start, end = self.qa_outputs(self.model(input_ids)).unbind(-1)  # [B, T] each
-        return start, end
-
-
-def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
-    """(component, total, active per token) rows; only routed experts differ between total and active."""
-    groups = {"embedding": "embed_tokens", "attention": "self_attn.", "router": "mlp.gate.",
-              "experts": "mlp.experts.", "mlp": "mlp.", "norms": "norm", "head": ""}
-    totals = dict.fromkeys(groups, 0)
-    for name, p in model.named_parameters():  # a tied head shares the embedding and is counted once
-        totals[next(g for g, key in groups.items() if key in name)] += p.numel()
-    c = model.config
-    share = getattr(c, "num_experts_per_tok", 1) / max(getattr(c, "num_experts", 1), 1)
-    return [(g, n, round(n * share) if g == "experts" else n) for g, n in totals.items() if n]
+        return self.qa_outputs(self.model(input_ids)).unbind(-1)  # start and end logits, [B, T] each
 
 
 if __name__ == "__main__":
@@ -325,7 +305,14 @@ if __name__ == "__main__":
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     print(f"Qwen3-{name}", json.dumps(asdict(config), indent=1))
-    rows = parameter_table(model)
+    # Parameters per component; per token, a MoE layer runs only num_experts_per_tok of its num_experts experts.
+    groups = {"embedding": "embed_tokens", "attention": "self_attn.", "router": "mlp.gate.",
+              "experts": "mlp.experts.", "mlp": "mlp.", "norms": "norm", "head": ""}
+    totals = dict.fromkeys(groups, 0)
+    for param_name, p in model.named_parameters():  # a tied head shares the embedding and is counted once
+        totals[next(g for g, key in groups.items() if key in param_name)] += p.numel()
+    share = getattr(config, "num_experts_per_tok", 1) / getattr(config, "num_experts", 1)
+    rows = [(g, n, round(n * share) if g == "experts" else n) for g, n in totals.items() if n]
     print(f"\n{'component':<12}{'parameters':>16}{'active/token':>16}")
     for group, total, active in rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]:
         print(f"{group:<12}{total:>16,}{active:>16,}")

@@ -32,7 +32,7 @@ class Qwen3Tokenizer:
         self.added = {t["content"]: t["id"] for t in data["added_tokens"]}
         self.special_ids = {t["id"] for t in data["added_tokens"] if t["special"]}  # what skip_special_tokens drops
         self.enc = tiktoken.Encoding("qwen3", pat_str=SPLIT, mergeable_ranks=ranks, special_tokens=self.added)
-        longest_first = sorted(self.added, key=len, reverse=True)
+        longest_first = sorted(self.added, key=len, reverse=True)  # so <|im_end|> wins over any prefix of it
         self.added_pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
