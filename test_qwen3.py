@@ -454,19 +454,21 @@ def test_tied_checkpoint_has_no_lm_head_and_stays_tied(transformers, tmp_path):
     assert model.lm_head.weight.dtype == torch.float16
 
 
+def write_checkpoint(model, folder):
+    """A dense checkpoint written without transformers: our state dict, our config as config.json."""
+    from safetensors.torch import save_file
+    Path(folder).mkdir(exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, Path(folder) / "model.safetensors")
+    config = {**asdict(model.config), "architectures": ["Qwen3ForCausalLM"]}
+    (Path(folder) / "config.json").write_text(json.dumps(config))
+    return state
+
+
 @pytest.fixture
 def good_checkpoint(tmp_path):
-    folder = tmp_path / "ckpt"
-    config = tiny_dense(num_hidden_layers=2)
-    model = random_model(config)
-    folder.mkdir()
-    from safetensors.torch import save_file
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, folder / "model.safetensors")
-    d = asdict(config)
-    d["architectures"] = ["Qwen3ForCausalLM"]
-    (folder / "config.json").write_text(json.dumps(d))
-    return folder, state, model
+    model = random_model(tiny_dense(num_hidden_layers=2))
+    return tmp_path / "ckpt", write_checkpoint(model, tmp_path / "ckpt"), model
 
 
 def test_loads_a_checkpoint_written_without_transformers(good_checkpoint):
@@ -870,8 +872,8 @@ def test_cli_ctrl_c_prints_stats_and_exits_130(cli_checkpoint, capsys, monkeypat
 def test_cli_real_ctrl_c(tmp_path):
     """SIGINT in the middle of a long generation: the text so far, the stats line, exit status 130."""
     import signal
-    config = tiny_dense(vocab_size=272, max_position_embeddings=8192, num_hidden_layers=1)
-    save_hf(config, "Qwen3ForCausalLM", tmp_path)
+    write_checkpoint(random_model(tiny_dense(vocab_size=272, max_position_embeddings=8192, num_hidden_layers=1)),
+                     tmp_path)
     write_fixture_tokenizer(tmp_path)
     proc = subprocess.Popen([sys.executable, str(HERE / "generate.py"), "hello", "--model", str(tmp_path),
                              "--no-chat", "--temperature", "1", "--seed", "0"],
