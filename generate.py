@@ -164,7 +164,8 @@ def run(model, ids, args, max_new_tokens, stop_ids=(), print_text=None, routing=
     try:
         for token in generate(model, ids, max_new_tokens, args.temperature, args.top_k, args.top_p, stop_ids,
                               args.seed):
-            first, new = first or time.perf_counter(), new + [token]
+            first = first or time.perf_counter()
+            new.append(token)
             if routing:
                 routing.record()
             if print_text:
