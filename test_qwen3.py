@@ -242,6 +242,18 @@ def test_moe_block_matches_numpy(renorm):
 
 
 @pytest.mark.parametrize("name,config", all_cases())
+def test_decoder_layers_match_numpy(name, config):
+    model = random_model(config)
+    x = torch.randn(1, 12, config.hidden_size)
+    c, s = rope_tables(model, 12)
+    T = torch.arange(12)
+    for i, layer in enumerate(model.model.layers):  # dense, sparse, full and sliding layers, as the case has them
+        mask = (T[None] <= T[:, None]) & ((T[None] > T[:, None] - config.sliding_window) if layer.sliding else True)
+        out = layer(x, c, s, mask, None, 0)
+        close(out[0].detach(), np_layer(numpy_params(layer), config, i, x[0].double().numpy()))
+
+
+@pytest.mark.parametrize("name,config", all_cases())
 def test_full_forward_matches_numpy(name, config):
     model = random_model(config)
     ids = torch.randint(0, config.vocab_size, (1, 13))
