@@ -316,3 +316,5 @@ if __name__ == "__main__":
     print(f"\n{'component':<12}{'parameters':>16}{'active/token':>16}")
     for group, total, active in rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]:
         print(f"{group:<12}{total:>16,}{active:>16,}")
+    if config.tie_word_embeddings:
+        print("(the head is tied to the embedding: one matrix, counted once)")
