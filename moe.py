@@ -26,15 +26,6 @@ class Qwen3MoeConfig(Qwen3Config):
     norm_topk_prob: bool = False  # renormalise the K chosen probabilities to sum to 1
     router_aux_loss_coef: float = 0.001
 
-    @classmethod
-    def from_name(cls, name: str):
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown MoE preset {name!r}; expected one of {', '.join(cls.PRESETS)}")
-        hidden, inter, expert_inter, layers, heads = cls.PRESETS[name]
-        return cls(hidden_size=hidden, intermediate_size=inter, moe_intermediate_size=expert_inter,
-                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=4, head_dim=128,
-                   max_position_embeddings=40960, rope_theta=1e6, max_window_layers=layers, norm_topk_prob=True)
-
     def is_sliding(self, layer_idx: int) -> bool:
         return self.use_sliding_window  # the reference slides in every MoE layer; max_window_layers is unused
 
@@ -44,7 +35,9 @@ class Qwen3MoeConfig(Qwen3Config):
         return super().make_mlp(layer_idx)
 
 
-# preset: (hidden_size, intermediate_size, moe_intermediate_size, num_hidden_layers, num_attention_heads)
+Qwen3MoeConfig.RELEASED = dict(num_key_value_heads=4, norm_topk_prob=True)
+Qwen3MoeConfig.PRESET_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                                "num_attention_heads")
 Qwen3MoeConfig.PRESETS = {"30B-A3B": (2048, 6144, 768, 48, 32), "235B-A22B": (4096, 12288, 1536, 94, 64)}
 
 

@@ -39,12 +39,12 @@ class Qwen3Config:
 
     @classmethod
     def from_name(cls, name: str):
+        """A released model: its row of PRESETS, over what every released Qwen3 shares."""
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(cls.PRESETS)}")
-        hidden, inter, layers, heads, tied = cls.PRESETS[name]
-        return cls(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                   num_attention_heads=heads, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                   rope_theta=1e6, max_window_layers=layers, tie_word_embeddings=tied)
+        preset = dict(zip(cls.PRESET_FIELDS, cls.PRESETS[name]))
+        return cls(vocab_size=151936, head_dim=128, max_position_embeddings=40960, rope_theta=1e6,
+                   max_window_layers=preset["num_hidden_layers"], **cls.RELEASED, **preset)
 
     @classmethod
     def from_hf(cls, source):
@@ -70,7 +70,9 @@ class Qwen3Config:
         return MLP(self.hidden_size, self.intermediate_size)
 
 
-# preset: (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, tie_word_embeddings)
+Qwen3Config.RELEASED = dict(num_key_value_heads=8)  # besides the shared values in from_name
+Qwen3Config.PRESET_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                             "tie_word_embeddings")
 Qwen3Config.PRESETS = {
     "0.6B": (1024, 3072, 28, 16, True), "1.7B": (2048, 6144, 28, 16, True), "4B": (2560, 9728, 36, 32, True),
     "8B": (4096, 12288, 36, 32, False), "14B": (5120, 17408, 40, 40, False), "32B": (5120, 25600, 64, 64, False),
